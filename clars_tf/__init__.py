@@ -1,0 +1,5 @@
+"""CLARS and LARS large-batch optimizers for Keras 3 on TensorFlow."""
+
+from clars_tf.optimizers import CLARS, LARS
+
+__all__ = ["CLARS", "LARS"]
