@@ -39,6 +39,20 @@ def logical_cpus(count):
     return [device.name for device in devices[:count]]
 
 
+def mirrored_strategy(replicas):
+    """Return a new MirroredStrategy over the first `replicas` logical CPUs.
+
+    Collective group keys start at the same value for every new strategy, so
+    a 4-device strategy after a 2-device one in the same process fails with
+    "joining a group with size 4, but that group has size 2". Moving the key
+    base for each strategy, as TensorFlow's own strategy tests do, keeps
+    their groups apart.
+    """
+    devices = logical_cpus(replicas)
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    return tf.distribute.MirroredStrategy(devices)
+
+
 @pytest.fixture(scope="session")
 def imagenet_sample_dir():
     """Folder with one real ImageNet JPEG per class: `train/<wnid>/*.JPEG`."""
