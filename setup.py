@@ -23,9 +23,12 @@ setup(
         # prepares imagenet2012 but does not declare it as a dependency.
         "importlib_resources",
         "absl-py",
+        # TensorFlow 2.21 no longer installs TensorBoard, which tf.summary needs.
+        "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
+        # scikit-learn ships the digits images of the quick start.
+        "test": ["pytest", "pillow", "scikit-learn"],
         "plot": ["matplotlib"],
     },
     classifiers=[

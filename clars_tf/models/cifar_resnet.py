@@ -20,6 +20,11 @@ import keras
 from keras import layers, ops
 
 STAGE_FILTERS = (16, 32, 64)
+# PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 in Keras' convention),
+# as in the CIFAR models of the CLARS reference code. Keras' default of 0.99
+# leaves the moving statistics far from the data after a short run.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -91,7 +96,7 @@ def _conv_bn(inputs, filters: int, strides: int, prefix: str, index: int):
         kernel_initializer="he_normal",
         name=f"{prefix}_conv{index}",
     )(x)
-    return layers.BatchNormalization(name=f"{prefix}_bn{index}")(x)
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{prefix}_bn{index}")(x)
 
 
 def _basic_block(inputs, filters: int, strides: int, prefix: str):
@@ -135,7 +140,7 @@ def build_cifar_resnet(
         kernel_initializer="he_normal",
         name="stem_conv",
     )(inputs)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
 
     for stage_index, filters in enumerate(STAGE_FILTERS, start=1):
