@@ -260,22 +260,37 @@ class _TrustRatioOptimizer(keras.optimizers.Optimizer):
 
     def _update_variable(self, index, gradient, variable, learning_rate):
         """Apply the trust-ratio-scaled momentum step to one variable."""
-        weight = tf.cast(variable, tf.float32)
         gradient = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
         learning_rate = tf.cast(learning_rate, tf.float32)
+        weight = tf.cast(variable, tf.float32)
 
+        gradient_norm = l2_norm(gradient)
         direction = gradient
+        direction_norm = gradient_norm
         if self._decay_flags[index]:
             direction = gradient + self.weight_decay * weight
+            direction_norm = l2_norm(direction)
 
-        denominator = self._denominator_norm(index, direction)
-        ratio = trust_ratio(
-            l2_norm(weight), denominator, self.trust_coefficient, self.epsilon, self.max_trust_ratio
-        )
-        if not self._adaptation_flags[index]:
-            ratio = tf.ones_like(ratio)
+        denominator = self._denominator_norm(index, direction_norm)
+        if self._adaptation_flags[index]:
+            ratio = trust_ratio(
+                l2_norm(weight), denominator, self.trust_coefficient, self.epsilon, self.max_trust_ratio
+            )
+        else:
+            ratio = tf.constant(1.0)
         scaled_learning_rate = learning_rate * ratio
 
+        if variable.dtype == tf.float32:
+            self._apply_fused_step(index, variable, direction, scaled_learning_rate)
+        else:
+            self._apply_step(index, variable, weight, direction, scaled_learning_rate)
+        self.assign(
+            self._layer_statistics[index],
+            tf.stack([ratio, denominator, gradient_norm]),
+        )
+
+    def _apply_step(self, index, variable, weight, direction, scaled_learning_rate):
+        """Take the momentum step in float32 and store it in the variable's dtype."""
         if self._momentums is None:
             step = scaled_learning_rate * direction
         elif self.classic_momentum:
@@ -291,15 +306,44 @@ class _TrustRatioOptimizer(keras.optimizers.Optimizer):
             step = scaled_learning_rate * velocity
             if self.nesterov:
                 step = scaled_learning_rate * (direction + self.momentum * velocity)
-
         self.assign(variable, weight - step)
-        self.assign(
-            self._layer_statistics[index],
-            tf.stack([ratio, denominator, l2_norm(gradient)]),
+
+    def _apply_fused_step(self, index, variable, direction, scaled_learning_rate):
+        """Take the momentum step of a float32 variable in one fused kernel.
+
+        `ResourceApplyMomentum` computes `v = momentum * v + grad` and
+        `w -= lr * v` (Nesterov: `w -= lr * (grad + momentum * v)`), reading
+        each tensor once. The plain form passes `grad=d, lr=lr * r`; the
+        classic form, whose buffer holds the scaled step, passes
+        `grad=lr * r * d, lr=1`. Both then match `_apply_step`.
+        """
+        if isinstance(variable, keras.Variable):
+            variable = variable.value
+        if self._momentums is None:
+            tf.raw_ops.ResourceApplyGradientDescent(
+                var=variable.handle, alpha=scaled_learning_rate, delta=direction
+            )
+            return
+        if self.classic_momentum:
+            kernel_gradient = scaled_learning_rate * direction
+            kernel_learning_rate = tf.constant(1.0)
+        else:
+            kernel_gradient = direction
+            kernel_learning_rate = scaled_learning_rate
+        tf.raw_ops.ResourceApplyMomentum(
+            var=variable.handle,
+            accum=self._momentums[index].value.handle,
+            lr=kernel_learning_rate,
+            grad=kernel_gradient,
+            momentum=tf.constant(self.momentum, tf.float32),
+            use_nesterov=self.nesterov,
         )
 
-    def _denominator_norm(self, index: int, direction: tf.Tensor) -> tf.Tensor:
-        """Return the norm that the trust ratio of variable `index` divides by."""
+    def _denominator_norm(self, index: int, direction_norm: tf.Tensor) -> tf.Tensor:
+        """Return the norm that the trust ratio of variable `index` divides by.
+
+        `direction_norm` is the norm of the update direction `d`.
+        """
         raise NotImplementedError
 
     def layer_statistics(self) -> dict[str, dict[str, tf.Tensor]]:
@@ -397,8 +441,8 @@ class LARS(_TrustRatioOptimizer):
             **kwargs,
         )
 
-    def _denominator_norm(self, index, direction):
-        return l2_norm(direction)
+    def _denominator_norm(self, index, direction_norm):
+        return direction_norm
 
 
 @keras.saving.register_keras_serializable(package="clars_tf")
@@ -707,13 +751,13 @@ class CLARS(_TrustRatioOptimizer):
         )
         self._complete_norms.assign(complete_norms)
 
-    def _denominator_norm(self, index, direction):
+    def _denominator_norm(self, index, direction_norm):
         complete_norm = tf.convert_to_tensor(self._complete_norms)[index]
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if (self.replica_norms and num_replicas > 1) or self.gradient_accumulation_steps:
             # Every update has samples, so the fallback is never needed.
             return complete_norm
-        return tf.where(complete_norm >= 0.0, complete_norm, l2_norm(direction))
+        return tf.where(complete_norm >= 0.0, complete_norm, direction_norm)
 
     def get_config(self):
         config = super().get_config()
