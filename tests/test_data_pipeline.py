@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from clars_tf.data import build_dataset, get_dataset_info
-from conftest import logical_cpus
+from conftest import mirrored_strategy
 from test_data_support import make_image_folder
 
 IMAGE_SIZE = 24
@@ -28,18 +28,6 @@ def _build(image_folder, **options):
     )
     settings.update(options)
     return build_dataset("folder", "train", **settings)
-
-
-def _mirrored_strategy(replicas: int) -> tf.distribute.MirroredStrategy:
-    """Return a MirroredStrategy over logical CPUs with its own collective key range.
-
-    Every new strategy starts its collective group keys at the same value, so
-    a 2-replica strategy created after a 4-replica one in the same process
-    fails in its first all-reduce. Moving the key base keeps them apart.
-    """
-    devices = logical_cpus(replicas)
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
-    return tf.distribute.MirroredStrategy(devices)
 
 
 def _take(dataset, count):
@@ -134,7 +122,7 @@ def test_cache_keeps_examples(image_folder, tmp_path):
 
 
 def test_mirrored_strategy_per_replica_batch(image_folder):
-    strategy = _mirrored_strategy(2)
+    strategy = mirrored_strategy(2)
 
     dataset = _build(image_folder, strategy=strategy)
     images, labels = next(iter(dataset))
@@ -148,14 +136,14 @@ def test_mirrored_strategy_per_replica_batch(image_folder):
 
 
 def test_batch_not_divisible_by_replicas_raises(image_folder):
-    strategy = _mirrored_strategy(2)
+    strategy = mirrored_strategy(2)
 
     with pytest.raises(ValueError, match="not divisible by the 2 replicas"):
         _build(image_folder, strategy=strategy, global_batch_size=7)
 
 
 def test_strategy_and_input_context_rejected(image_folder):
-    strategy = _mirrored_strategy(2)
+    strategy = mirrored_strategy(2)
     context = tf.distribute.InputContext(1, 0, 2)
 
     with pytest.raises(ValueError, match="either strategy or input_context"):
@@ -194,8 +182,8 @@ def _tiny_model(num_classes: int) -> keras.Model:
 
 
 @pytest.mark.parametrize("source", ["folder", "synthetic"])
-def test_keras_fit_under_mirrored_strategy(image_folder, source):
-    strategy = _mirrored_strategy(2)
+def test_keras_fit_undermirrored_strategy(image_folder, source):
+    strategy = mirrored_strategy(2)
     dataset = build_dataset(
         source, "train", data_dir=image_folder, global_batch_size=8, training=True,
         image_size=IMAGE_SIZE, strategy=strategy, seed=0, num_classes=4,
@@ -208,8 +196,8 @@ def test_keras_fit_under_mirrored_strategy(image_folder, source):
     assert np.isfinite(history.history["loss"][0])
 
 
-def test_custom_loop_under_mirrored_strategy(image_folder):
-    strategy = _mirrored_strategy(2)
+def test_custom_loop_undermirrored_strategy(image_folder):
+    strategy = mirrored_strategy(2)
     dataset = _build(image_folder, strategy=strategy)
 
     @tf.function

@@ -72,7 +72,8 @@ def test_imagenet_sample_mirrored_and_resume(imagenet_sample_dir, tmp_path):
         "--steps_per_execution=2", "--log_every_steps=2", "--diagnostics_every_steps=2",
         f"--model_dir={tmp_path}", "--seed=1",
     ]
-    first = run_script(*flags, "--train_steps=4")
+    # XLA is on for the first invocation only: a resumed run may change it.
+    first = run_script(*flags, "--train_steps=4", "--jit_compile")
     assert first.returncode == 0, first.stderr[-4000:]
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [4]
@@ -95,6 +96,27 @@ def test_imagenet_sample_mirrored_and_resume(imagenet_sample_dir, tmp_path):
     ratios = diagnostics[-1]["trust_ratio"]
     assert ratios["stem_conv/kernel"] <= 0.1 + 1e-6  # the clip, stored in float32
     assert ratios["stem_bn/gamma"] == 1.0
+    assert_complete_norms_at_least_batch_norms(diagnostics[-1])
+
+
+def assert_complete_norms_at_least_batch_norms(record):
+    """The mean of sample norms bounds the norm of the mean gradient (triangle inequality)."""
+    for path, complete in record["complete_norm"].items():
+        assert complete >= record["gradient_norm"][path] * (1 - 1e-5), path
+
+
+def test_per_example_source_on_digits(tmp_path):
+    result = run_script(
+        "--dataset=digits", "--model=resnet20", "--image_size=32", "--global_batch_size=32",
+        "--train_steps=3", "--optimizer=clars", "--complete_norm_source=per_example",
+        "--log_every_steps=1", "--diagnostics_every_steps=3", "--eval_steps=1",
+        f"--model_dir={tmp_path}", "--seed=0",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "no gradient samples" not in result.stderr
+    diagnostics = read_jsonl(tmp_path / "diagnostics.jsonl")
+    assert [d["step"] for d in diagnostics] == [3]
+    assert_complete_norms_at_least_batch_norms(diagnostics[0])
 
 
 def test_cifar10_short_epoch_beats_chance(cifar10_dir, tmp_path):
@@ -104,7 +126,7 @@ def test_cifar10_short_epoch_beats_chance(cifar10_dir, tmp_path):
         "--optimizer=clars", "--complete_norm_source=accumulation",
         "--gradient_accumulation_steps=2", "--base_learning_rate=0.1",
         "--reference_batch_size=128", "--weight_decay=2e-4", "--steps_per_execution=10",
-        "--log_every_steps=40", "--diagnostics_every_steps=0", "--jit_compile",
+        "--log_every_steps=40", "--diagnostics_every_steps=0", "--eval_steps=20",
         f"--model_dir={tmp_path}", "--seed=0",
     )
     assert result.returncode == 0, result.stderr[-4000:]

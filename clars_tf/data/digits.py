@@ -6,11 +6,25 @@ upscaled to 32x32 RGB and encoded as PNG once, then go through the
 small-image pipeline like CIFAR-10. Every fifth image forms the test split.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
 DIGITS_IMAGE_SIZE = 32
 TEST_EVERY = 5  # Image i is in the test split when i % TEST_EVERY == 0.
+
+
+@functools.cache
+def _encoded_digits() -> tuple[tuple[bytes, ...], np.ndarray]:
+    """Return the digits as 32x32 RGB PNGs, and their labels; computed once per process."""
+    images, labels = _load_digits()
+    # Values are 0..16 ink counts; spread them over 0..255.
+    pixels = np.clip(images * 16.0, 0, 255)[..., None]
+    pixels = tf.image.resize(pixels, [DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE], method="bilinear")
+    pixels = tf.cast(tf.round(tf.tile(pixels, [1, 1, 1, 3])), tf.uint8)
+    encoded = tuple(tf.io.encode_png(image).numpy() for image in pixels)
+    return encoded, labels
 
 
 def _load_digits():
@@ -33,13 +47,7 @@ class DigitsSource:
     def __init__(self, source: str):
         from clars_tf.data.sources import DatasetInfo
 
-        images, labels = _load_digits()
-        # Values are 0..16 ink counts; spread them over 0..255.
-        pixels = np.clip(images * 16.0, 0, 255)[..., None]
-        pixels = tf.image.resize(pixels, [DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE], method="bilinear")
-        pixels = tf.cast(tf.round(tf.tile(pixels, [1, 1, 1, 3])), tf.uint8)
-        encoded = [tf.io.encode_png(image).numpy() for image in pixels]
-
+        encoded, labels = _encoded_digits()
         test = np.arange(len(labels)) % TEST_EVERY == 0
         self._splits = {
             "train": ([e for e, t in zip(encoded, test) if not t], labels[~test]),

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, optimizers and the loss of a run, built from its config."""
+"""The learning-rate schedule and the optimizer of a run, built from its config."""
 
 import keras
 

@@ -386,5 +386,5 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> dict:
-    """Train as `config` says and return the run summary."""
+    """Run the training that `config` describes and return the run summary."""
     return Trainer(config).run()

@@ -1,4 +1,4 @@
-"""Creating the tf.distribute strategy of a run."""
+"""The tf.distribute strategy of a run, and the checks that depend on it."""
 
 import logging
 
