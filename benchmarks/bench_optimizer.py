@@ -44,7 +44,6 @@ tf.config.set_logical_device_configuration(
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging as std_logging  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +54,7 @@ import keras  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import clars_tf  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 30, "Timed samples per configuration in the apply section.")
@@ -366,24 +366,6 @@ def format_table(rows: list[dict]) -> str:
             f"| {row['median_ms']:.1f} | {row['ratio_to_sgd']:.2f} | {row['traces']} |"
         )
     return "\n".join(lines)
-
-
-def machine_info() -> dict:
-    """Return the machine facts that a benchmark record states."""
-    cpu_model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """CLARS and LARS: layer-wise adaptive rate scaling optimizers for Keras 3.
 
-Both optimizers share one update rule and differ only in the norm that the
-trust ratio divides by. The shared machinery lives in `_TrustRatioOptimizer`;
-`LARS` divides by the norm of the update direction of the batch, and `CLARS`
-by the complete norm, the mean of the layer's gradient norms over gradient
-samples (replicas, accumulation micro-batches, or per-example gradients).
+Both optimizers share one update rule, in `_TrustRatioOptimizer`, and differ
+only in the norm that the trust ratio divides by. `LARS` divides by the norm
+of the batch's update direction. `CLARS` divides by the complete norm: the
+mean of the layer's gradient norms over gradient samples, which are replicas,
+accumulation micro-batches or per-example gradients.
 """
 
 import logging
@@ -75,8 +75,8 @@ def _check_patterns(argument: str, patterns) -> list[str] | None:
 
 
 def _variable_path(variable) -> str:
-    # Keras 3 variables carry the full path (`conv1_bn/gamma`); a raw
-    # tf.Variable only has its name (`conv1_bn/gamma:0`).
+    # Keras 3 variables carry the full path (`conv1_bn/gamma`), and a raw
+    # tf.Variable only its name (`conv1_bn/gamma:0`).
     return getattr(variable, "path", None) or variable.name
 
 
@@ -313,8 +313,8 @@ class _TrustRatioOptimizer(keras.optimizers.Optimizer):
 
         `ResourceApplyMomentum` computes `v = momentum * v + grad` and
         `w -= lr * v` (Nesterov: `w -= lr * (grad + momentum * v)`), reading
-        each tensor once. The plain form passes `grad=d, lr=lr * r`; the
-        classic form, whose buffer holds the scaled step, passes
+        each tensor once. The plain form passes `grad=d, lr=lr * r`. The
+        classic form, whose buffer contains the scaled step, passes
         `grad=lr * r * d, lr=1`. Both then match `_apply_step`.
         """
         if isinstance(variable, keras.Variable):
@@ -406,9 +406,9 @@ class LARS(_TrustRatioOptimizer):
 
     Source: Y. You, I. Gitman, B. Ginsburg, "Large Batch Training of
     Convolutional Networks", arXiv:1708.03888. The arguments mean the same
-    as in `CLARS`; only the defaults differ: `trust_coefficient=0.001`,
-    `max_trust_ratio=None` (no clip) and `classic_momentum=True`, the form
-    of the LARS paper and of TF Model Garden's LARS.
+    as in `CLARS`, and only the defaults differ: `trust_coefficient=0.001`,
+    `max_trust_ratio=None` (no clip) and `classic_momentum=True`. That is
+    the form of the LARS paper and of TF Model Garden's LARS.
     """
 
     def __init__(
@@ -472,7 +472,7 @@ class CLARS(_TrustRatioOptimizer):
     - Replicas: under a strategy with R >= 2 replicas in sync (and
       `replica_norms=True`), each replica's local mean gradient.
     - Accumulation micro-batches: with `gradient_accumulation_steps=k`, each
-      of the k gradients passed to `apply` before an update; with replicas
+      of the k gradients passed to `apply` before an update. With replicas
       too, the complete norm is the mean over R * k norms.
     - Explicit norms: `set_complete_norms` hands in norms computed by the
       training step, such as the mean per-example gradient norm. They take
@@ -607,9 +607,9 @@ class CLARS(_TrustRatioOptimizer):
 
         Call this in the training step, in the same replica context and
         traced function as the `apply` or `apply_gradients` call that should
-        use the norms, before that call. Each replica hands in its own norms;
-        under R replicas the optimizer averages the R values, and with
-        gradient accumulation the values of the k calls.
+        use the norms, before that call. Each replica hands in its own norms.
+        The optimizer averages the values of the R replicas, and with
+        gradient accumulation those of the k calls.
 
         Args:
             norms: One float per trainable variable, in the order the
@@ -693,8 +693,8 @@ class CLARS(_TrustRatioOptimizer):
     def _local_samples(self, grads, indices, num_replicas, use_replicas):
         """Return this replica's packed [norm sums, sample counts] vector.
 
-        The first half holds, per variable, the sample norm this call adds;
-        the second half how many samples (0 or 1) it adds.
+        The first half contains, per variable, the sample norm this call
+        adds, and the second half how many samples (0 or 1) it adds.
         """
         count = len(self._trainable_variables)
         pending = tf.convert_to_tensor(self._pending_norms)

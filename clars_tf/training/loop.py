@@ -208,10 +208,14 @@ class Trainer:
 
     def _average_loss(self, per_example_loss):
         # Divided by the global batch, so the summed replica gradients are
-        # the gradient of the mean loss.
-        return tf.nn.compute_average_loss(
+        # the gradient of the mean loss. Weight regularizers count once, as
+        # in Keras' fit.
+        loss = tf.nn.compute_average_loss(
             per_example_loss, global_batch_size=self.config.global_batch_size
         )
+        if self.model.losses:
+            loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+        return loss
 
     def _gradients(self, images, labels):
         variables = self.model.trainable_variables
