@@ -38,6 +38,11 @@ flags.DEFINE_integer(
 flags.DEFINE_boolean("cache", False, "Cache the encoded images in memory after the first epoch.")
 flags.DEFINE_boolean(
     "deterministic", False, "Reproducible input order (slower input pipeline; needs --seed).")
+flags.DEFINE_boolean(
+    "tf_data_autotune", True,
+    "Let tf.data tune the input pipeline's parallelism in a background thread. With "
+    "TensorFlow 2.21 the end of a run can then wait up to a minute for that thread, so "
+    "short runs may turn it off.")
 
 # Model.
 flags.DEFINE_enum(

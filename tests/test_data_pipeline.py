@@ -182,7 +182,7 @@ def _tiny_model(num_classes: int) -> keras.Model:
 
 
 @pytest.mark.parametrize("source", ["folder", "synthetic"])
-def test_keras_fit_undermirrored_strategy(image_folder, source):
+def test_keras_fit_under_mirrored_strategy(image_folder, source):
     strategy = mirrored_strategy(2)
     dataset = build_dataset(
         source, "train", data_dir=image_folder, global_batch_size=8, training=True,
@@ -196,7 +196,7 @@ def test_keras_fit_undermirrored_strategy(image_folder, source):
     assert np.isfinite(history.history["loss"][0])
 
 
-def test_custom_loop_undermirrored_strategy(image_folder):
+def test_custom_loop_under_mirrored_strategy(image_folder):
     strategy = mirrored_strategy(2)
     dataset = _build(image_folder, strategy=strategy)
 

@@ -99,6 +99,7 @@ class _PipelineSettings:
     shuffle_buffer_size: int
     bad_file_log: BadFileLog | None
     report_bad_files: bool
+    autotune: bool
 
 
 def _validate_arguments(
@@ -246,6 +247,7 @@ def _make_dataset(source_object, source_name: str, settings: _PipelineSettings, 
 def _dataset_options(settings: _PipelineSettings) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = settings.deterministic
+    options.autotune.enabled = settings.autotune
     return options
 
 
@@ -272,6 +274,7 @@ def build_dataset(
     download: bool = True,
     bad_file_log: BadFileLog | None = None,
     report_bad_files: bool = True,
+    autotune: bool = True,
 ) -> tf.data.Dataset | tf.distribute.DistributedDataset:
     """Build the batched `(images, labels)` input pipeline of one split.
 
@@ -324,6 +327,11 @@ def build_dataset(
             rejected files. Pass False where the pipeline runs outside the
             Python process that built it (tf.data service, remote TPU
             workers); bad files are then still skipped, silently.
+        autotune: whether tf.data tunes parallelism and buffer sizes in a
+            background thread (`tf.data.Options().autotune.enabled`). With
+            TensorFlow 2.21, deleting an iterator of a tuned pipeline can
+            block for up to a minute, the tuning thread's wait period, so
+            short runs may turn it off.
 
     Raises:
         ValueError: on invalid arguments, a missing or empty data directory,
@@ -348,7 +356,8 @@ def build_dataset(
 
     if source == SOURCE_SYNTHETIC:
         return _build_synthetic(
-            split, global_batch_size, image_size, num_classes, dtype, seed, repeat, strategy, input_context
+            split, global_batch_size, image_size, num_classes, dtype, seed, repeat, strategy,
+            input_context, autotune,
         )
 
     if label_offset is None:
@@ -383,6 +392,7 @@ def build_dataset(
         shuffle_buffer_size=shuffle_buffer_size,
         bad_file_log=bad_file_log if bad_file_log is not None else BadFileLog(),
         report_bad_files=report_bad_files,
+        autotune=autotune,
     )
 
     def dataset_fn(context: tf.distribute.InputContext | None = input_context):
@@ -394,7 +404,8 @@ def build_dataset(
 
 
 def _build_synthetic(
-    split, global_batch_size, image_size, num_classes, dtype, seed, repeat, strategy, input_context
+    split, global_batch_size, image_size, num_classes, dtype, seed, repeat, strategy, input_context,
+    autotune,
 ):
     num_examples = None if repeat else synthetic.SYNTHETIC_SPLIT_SIZES.get(
         folder.SPLIT_ALIASES.get(split, split), synthetic.SYNTHETIC_SPLIT_SIZES["validation"]
@@ -404,6 +415,8 @@ def _build_synthetic(
         batch_size = global_batch_size
         if context is not None:
             batch_size = context.get_per_replica_batch_size(global_batch_size)
+        options = tf.data.Options()
+        options.autotune.enabled = autotune
         return synthetic.synthetic_batches(
             batch_size=batch_size,
             image_size=image_size,
@@ -411,7 +424,7 @@ def _build_synthetic(
             dtype=dtype,
             seed=_pipeline_seed(seed, context),
             num_examples=num_examples,
-        )
+        ).with_options(options)
 
     if strategy is None:
         return dataset_fn()

@@ -36,6 +36,7 @@ class TrainConfig:
     label_offset: int | None = None
     cache: bool = False
     deterministic: bool = False
+    tf_data_autotune: bool = True
     # Model.
     model: str = "resnet50"
     # Optimizer.

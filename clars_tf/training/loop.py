@@ -174,6 +174,7 @@ class Trainer:
             cache=config.cache,
             label_offset=config.label_offset,
             num_classes=self.info.num_classes,
+            autotune=config.tf_data_autotune,
         )
 
     def _has_split(self, split: str) -> bool:
