@@ -36,6 +36,8 @@ def worker_outputs(tmp_path_factory):
         env = dict(os.environ)
         env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        # Workers import clars_tf from this checkout, as the test process does.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         log = open(output_dir / f"worker{index}.log", "w")
         processes.append(
             subprocess.Popen(

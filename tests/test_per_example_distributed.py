@@ -11,7 +11,7 @@ import keras
 from keras import layers
 
 from clars_tf.per_example import PerExampleNorms, enable_per_example_norms
-from conftest import logical_cpus
+from conftest import mirrored_strategy
 from test_per_example_support import CROSS_ENTROPY, RecordingSGD, brute_force_norms
 
 GLOBAL_BATCH = 8
@@ -33,7 +33,7 @@ def _data():
 
 
 def test_mirrored_fit_global_mean_norms():
-    strategy = tf.distribute.MirroredStrategy(logical_cpus(2))
+    strategy = mirrored_strategy(2)
     assert strategy.num_replicas_in_sync == 2
     keras.utils.set_random_seed(11)
     with strategy.scope():
@@ -49,7 +49,7 @@ def test_mirrored_fit_global_mean_norms():
 
 
 def test_mirrored_custom_loop_norms():
-    strategy = tf.distribute.MirroredStrategy(logical_cpus(2))
+    strategy = mirrored_strategy(2)
     keras.utils.set_random_seed(12)
     with strategy.scope():
         model = _model()
