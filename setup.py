@@ -27,8 +27,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # scikit-learn ships the digits images of the quick start.
-        "test": ["pytest", "pillow", "scikit-learn"],
+        # scikit-learn ships the digits images of the quick start; the
+        # plotting tests draw with matplotlib.
+        "test": ["pytest", "pillow", "scikit-learn", "matplotlib"],
         "plot": ["matplotlib"],
     },
     classifiers=[

@@ -135,6 +135,24 @@ def test_mirrored_strategy_per_replica_batch(image_folder):
     assert local_images[0].shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+@pytest.mark.parametrize("autotune", [True, False])
+def test_mirrored_replicas_cover_one_epoch(tmp_path, autotune):
+    # Uneven classes: replicas reading the same files would change the labels seen.
+    uneven = make_image_folder(tmp_path, {"c0": 1, "c1": 2, "c2": 3, "c3": 6})
+    strategy = mirrored_strategy(2)
+    dataset = _build(uneven, strategy=strategy, global_batch_size=4, autotune=autotune)
+
+    labels = []
+    iterator = iter(dataset)
+    for _ in range(3):
+        _, batch_labels = next(iterator)
+        local = [part.numpy() for part in strategy.experimental_local_results(batch_labels)]
+        assert [part.shape[0] for part in local] == [2, 2]
+        labels.extend(np.concatenate(local).tolist())
+
+    assert sorted(labels) == [0, 1, 1, 2, 2, 2] + [3] * 6
+
+
 def test_batch_not_divisible_by_replicas_raises(image_folder):
     strategy = mirrored_strategy(2)
 

@@ -331,7 +331,10 @@ def build_dataset(
             background thread (`tf.data.Options().autotune.enabled`). With
             TensorFlow 2.21, deleting an iterator of a tuned pipeline can
             block for up to a minute, the tuning thread's wait period, so
-            short runs may turn it off.
+            short runs may turn it off. A `MirroredStrategy` on CPUs then
+            reads a repeated pipeline once per replica
+            (`InputReplicationMode.PER_REPLICA`): its usual per-device
+            iterators are tuned whatever the pipeline's options set.
 
     Raises:
         ValueError: on invalid arguments, a missing or empty data directory,
@@ -400,7 +403,7 @@ def build_dataset(
 
     if strategy is None:
         return dataset_fn()
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    return _distribute(strategy, dataset_fn, autotune=autotune, repeat=repeat)
 
 
 def _build_synthetic(
@@ -428,4 +431,26 @@ def _build_synthetic(
 
     if strategy is None:
         return dataset_fn()
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    return _distribute(strategy, dataset_fn, autotune=autotune, repeat=repeat)
+
+
+def _distribute(strategy, dataset_fn, *, autotune: bool, repeat: bool):
+    """Distribute the pipelines that `dataset_fn` builds over the replicas of `strategy`."""
+    options = None
+    if not autotune and repeat and _is_cpu_mirrored(strategy):
+        # The per-device iterators that MirroredStrategy puts behind one input
+        # pipeline keep default tf.data options, so they tune even when the
+        # pipeline does not. One pipeline per replica, left on the host, has
+        # no such iterators. A finite pipeline keeps the default mode, because
+        # its shards could run out on one replica before the other.
+        options = tf.distribute.InputOptions(
+            experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
+            experimental_fetch_to_device=False,
+        )
+    return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+def _is_cpu_mirrored(strategy) -> bool:
+    if type(strategy) is not tf.distribute.MirroredStrategy:
+        return False
+    return all("CPU" in device.upper() for device in strategy.extended.worker_devices)
