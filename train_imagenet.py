@@ -2,14 +2,16 @@
 
 Examples:
 
-  python train_imagenet.py --flagfile=configs/quickstart.cfg
+  python train_imagenet.py --flagfile=configs/quickstart.cfg --model_dir=runs/quickstart
   python train_imagenet.py --flagfile=configs/imagenet/resnet50_32k_clars.cfg \\
-      --data_dir=gs://my-bucket/imagenet --strategy=tpu --tpu=my-tpu \\
+      --data_dir=gs://my-bucket/tensorflow_datasets --strategy=tpu --tpu=my-tpu \\
       --model_dir=gs://my-bucket/runs/resnet50_32k_clars
 
 Later flags override those of a --flagfile. A run that is stopped and started
 again with the same flags resumes from its last checkpoint in --model_dir.
 """
+
+import sys
 
 from absl import app, flags, logging
 
@@ -163,7 +165,9 @@ def main(argv):
     try:
         trainer = Trainer(config_from_flags())
     except ConfigError as error:
-        raise app.UsageError(str(error)) from None
+        # Print one line that names the flag, because absl's UsageError would print the
+        # whole flag list before it.
+        sys.exit(f"Error: {error}\nRun python train_imagenet.py --helpfull to list every flag.")
     summary = trainer.run()
     logging.info("Final metrics: %s", summary["final"])
 

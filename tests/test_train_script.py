@@ -121,6 +121,26 @@ def test_per_example_source_on_digits(tmp_path):
     assert_complete_norms_at_least_batch_norms(diagnostics[0])
 
 
+def test_rerun_of_complete_run_keeps_metrics(tmp_path):
+    flags = [
+        "--dataset=synthetic", "--model=resnet20", "--image_size=16", "--global_batch_size=8",
+        "--train_steps=2", "--eval_steps=1", f"--model_dir={tmp_path}", "--seed=0",
+    ]
+    first = run_script(*flags)
+    assert first.returncode == 0, first.stderr[-4000:]
+    trained = json.loads((tmp_path / "summary.json").read_text())["final"]
+
+    again = run_script(*flags)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "already complete" in again.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_this_invocation"] == 0
+    assert summary["final"]["loss"] == trained["loss"]
+    assert summary["final"]["top1"] == trained["top1"]
+    assert "eval_top1" in summary["final"]
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
 def test_cifar10_short_epoch_beats_chance(cifar10_dir, tmp_path):
     result = run_script(
         "--dataset=folder", f"--data_dir={cifar10_dir}", "--model=resnet20",
@@ -132,6 +152,9 @@ def test_cifar10_short_epoch_beats_chance(cifar10_dir, tmp_path):
         f"--model_dir={tmp_path}", "--seed=0",
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # Without a terminal, one progress line per --log_every_steps, not per call.
+    assert "Step 40/120" in result.stderr
+    assert "Step 10/120" not in result.stderr
     record = read_jsonl(tmp_path / "metrics.jsonl")[-1]
     # Ten classes: chance is 0.1 top-1.
     assert record["eval_top1"] > 0.2

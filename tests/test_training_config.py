@@ -27,7 +27,9 @@ INVALID = [
     (dict(weight_decay=-1e-4), "--weight_decay must be >= 0"),
     (dict(label_smoothing=1.0), "--label_smoothing must be in"),
     (dict(model_dir=None), "--model_dir is missing"),
-    (dict(tpu="grpc://10.0.0.2:8470"), "--tpu='grpc://10.0.0.2:8470' is only used with --strategy=tpu"),
+    (dict(tpu="grpc://127.0.0.1:8470"), "--tpu='grpc://127.0.0.1:8470' is only used with --strategy=tpu"),
+    (dict(strategy="tpu"), "--strategy=tpu needs --tpu"),
+    (dict(cpu_replicas=2), "--cpu_replicas=2 splits this machine's CPU"),
     (dict(dataset="folder"), "reads files from --data_dir, which is missing"),
     (dict(dataset="folder", data_dir="/no/such/folder"), "--data_dir=/no/such/folder does not exist"),
     (dict(dataset="tfrecord", data_dir="/no/such/shards"), "--data_dir=/no/such/shards does not exist"),
@@ -38,7 +40,7 @@ INVALID = [
     (dict(complete_norm_source="accumulation"), "needs --gradient_accumulation_steps >= 2"),
     (dict(complete_norm_source="batch", gradient_accumulation_steps=2), "would add micro-batch"),
     (dict(warmup_epochs=90, epochs=90), "--warmup_epochs=90 must be shorter"),
-    (dict(cpu_replicas=2, strategy="tpu"), "--cpu_replicas=2 splits this machine's CPU"),
+    (dict(cpu_replicas=2, strategy="multi_worker_mirrored"), "--cpu_replicas=2 splits this machine's CPU"),
 ]
 
 

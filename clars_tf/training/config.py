@@ -118,10 +118,16 @@ class TrainConfig:
                 f"--tpu={self.tpu!r} is only used with --strategy=tpu; received "
                 f"--strategy={self.strategy}. Set --strategy=tpu or drop --tpu."
             )
-        if self.cpu_replicas and self.strategy not in ("mirrored", "default"):
+        if self.strategy == "tpu" and not self.tpu:
             raise ConfigError(
-                f"--cpu_replicas={self.cpu_replicas} splits this machine's CPU for "
-                f"--strategy=mirrored; received --strategy={self.strategy}."
+                "--strategy=tpu needs --tpu: the TPU name, its grpc:// address, or "
+                "'local' on a TPU VM."
+            )
+        if self.cpu_replicas and self.strategy != "mirrored":
+            raise ConfigError(
+                f"--cpu_replicas={self.cpu_replicas} splits this machine's CPU into the "
+                f"replicas of --strategy=mirrored; received --strategy={self.strategy}. "
+                "Add --strategy=mirrored or drop --cpu_replicas."
             )
         self._validate_data()
         self._validate_complete_norm_source()

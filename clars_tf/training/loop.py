@@ -297,7 +297,7 @@ class Trainer:
         # `_iterations` counts apply calls, one per step; `iterations`
         # counts updates, fewer with gradient accumulation.
         step = int(factory.inner_optimizer(self.optimizer)._iterations.numpy())
-        if latest:
+        if latest and step < self.total_steps:
             logger.info("Resuming from %s after %d steps.", latest, step)
             self.run_log.forget_from(step)
         return step
@@ -351,8 +351,9 @@ class Trainer:
                 self._train_steps(iterator, tf.constant(chunk))
                 step += chunk
                 values = dict(self.train_metrics.results(), lr=self._learning_rate(step))
-                self.run_log.progress(step - epoch_first_step, step, values)
-                if step % config.log_every_steps == 0:
+                log_now = step % config.log_every_steps == 0
+                self.run_log.progress(step - epoch_first_step, step, values, log_line=log_now)
+                if log_now:
                     self.run_log.train_scalars(step, values)
                 if config.diagnostics_every_steps and step % config.diagnostics_every_steps == 0:
                     self._log_diagnostics(step)
@@ -373,7 +374,9 @@ class Trainer:
 
         if not record:
             logger.info("The run in %s is already complete; evaluating.", config.model_dir)
-            record = {f"eval_{k}": v for k, v in self.evaluate().items()}
+            # Keep the training metrics of the last epoch next to the new evaluation.
+            record = self.run_log.last_epoch_record()
+            record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         summary = {
             "final": record,
             "steps": step,

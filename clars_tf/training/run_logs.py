@@ -62,6 +62,7 @@ class RunLog:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
         self._progress = None
+        self._epoch_steps = steps_per_epoch
         self._interactive = sys.stdout.isatty()
         if is_chief:
             tf.io.gfile.makedirs(model_dir)
@@ -84,19 +85,39 @@ class RunLog:
             _drop_records(self.path(METRICS_FILE), "epoch", resumed_epoch)
             _drop_records(self.path(DIAGNOSTICS_FILE), "step", step + 1)
 
+    def last_epoch_record(self) -> dict:
+        """Return the last complete record of metrics.jsonl, or {} if there is none."""
+        path = self.path(METRICS_FILE)
+        if not tf.io.gfile.exists(path):
+            return {}
+        with tf.io.gfile.GFile(path) as file:
+            lines = file.read().splitlines()
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue  # A line cut short by an interrupted run.
+        return {}
+
     def start_epoch(self, epoch: int, epochs: int, first_step: int) -> None:
         logger.info("Epoch %d/%d starts at step %d.", epoch, epochs, first_step)
-        if self._interactive:
-            steps = min(self.steps_per_epoch, self.total_steps - first_step)
-            self._progress = keras.utils.Progbar(steps, stateful_metrics=["lr"])
+        self._epoch_steps = min(self.steps_per_epoch, self.total_steps - first_step)
+        self._progress = None
 
-    def progress(self, steps_in_epoch: int, step: int, values: dict) -> None:
-        """Report training progress: a progress bar on a terminal, log lines otherwise."""
-        if self._progress is not None:
+    def progress(self, steps_in_epoch: int, step: int, values: dict, *, log_line: bool) -> None:
+        """Report training progress: a progress bar on a terminal, log lines otherwise.
+
+        `values` are running means over the epoch, so the bar shows them as
+        they are. Without a terminal, only calls with `log_line` log a line.
+        """
+        if self._interactive:
+            if self._progress is None:
+                self._progress = keras.utils.Progbar(self._epoch_steps, stateful_metrics=list(values))
             self._progress.update(steps_in_epoch, list(values.items()))
             return
-        text = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-        logger.info("Step %d/%d: %s", step, self.total_steps, text)
+        if log_line:
+            text = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+            logger.info("Step %d/%d: %s", step, self.total_steps, text)
 
     def train_scalars(self, step: int, values: dict) -> None:
         if self.is_chief:

@@ -54,7 +54,10 @@ def create_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     if config.strategy == "tpu":
         # NOTE: no TPU was available to run this branch; it follows the
         # TPUStrategy setup documented for TensorFlow 2.16 to 2.21.
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or "")
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
+        except ValueError as error:
+            raise ConfigError(f"--tpu={config.tpu!r} does not name a reachable TPU: {error}") from None
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)

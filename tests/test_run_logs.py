@@ -1,0 +1,26 @@
+"""RunLog output without a terminal: which progress calls log a line."""
+
+import logging
+
+from clars_tf.training.run_logs import RunLog
+
+
+def test_progress_logs_only_marked_steps(tmp_path, caplog):
+    run_log = RunLog(str(tmp_path), is_chief=True, steps_per_epoch=4, total_steps=4)
+    run_log.start_epoch(1, 1, 0)
+    caplog.set_level(logging.INFO, logger="clars_tf.training.run_logs")
+
+    for step in range(1, 5):
+        run_log.progress(step, step, {"loss": 1.0 / step}, log_line=step % 2 == 0)
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step")]
+    assert lines == ["Step 2/4: loss 0.5", "Step 4/4: loss 0.25"]
+
+
+def test_last_epoch_record_skips_cut_line(tmp_path):
+    run_log = RunLog(str(tmp_path), is_chief=True, steps_per_epoch=4, total_steps=8)
+    assert run_log.last_epoch_record() == {}
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "lo')
+
+    assert run_log.last_epoch_record() == {"epoch": 1, "loss": 2.0}
