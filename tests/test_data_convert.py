@@ -46,6 +46,15 @@ def _read_examples(paths):
     return examples
 
 
+def _stored_train_images(output_dir):
+    """Return the encoded image of each train record, keyed by its file name."""
+    examples = _read_examples(sorted(str(path) for path in output_dir.glob("train-*")))
+    return {
+        feature["image/filename"].bytes_list.value[0].decode(): feature["image/encoded"].bytes_list.value[0]
+        for feature in examples
+    }
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Run the converter command on a generated folder and return (input, output, process)."""
@@ -142,12 +151,8 @@ def test_records_skip_bad_files(converted):
 def test_records_keep_jpeg_bytes(converted):
     input_dir, output_dir, _ = converted
 
-    examples = _read_examples(sorted(str(path) for path in output_dir.glob("train-*")))
+    stored = _stored_train_images(output_dir)
 
-    stored = {
-        feature["image/filename"].bytes_list.value[0].decode(): feature["image/encoded"].bytes_list.value[0]
-        for feature in examples
-    }
     assert stored["image_0.JPEG"] in {
         (input_dir / "train" / wnid / "image_0.JPEG").read_bytes() for wnid in ["n01", "n02", "n03"]
     }
@@ -157,12 +162,8 @@ def test_records_keep_jpeg_bytes(converted):
 def test_reencoded_images_match_originals(converted):
     input_dir, output_dir, _ = converted
 
-    examples = _read_examples(sorted(str(path) for path in output_dir.glob("train-*")))
+    stored = _stored_train_images(output_dir)
 
-    stored = {
-        feature["image/filename"].bytes_list.value[0].decode(): feature["image/encoded"].bytes_list.value[0]
-        for feature in examples
-    }
     for name in ["png_content.JPEG", "cmyk.JPEG"]:
         original = decode_with_pil((input_dir / "train" / "n01" / name).read_bytes())
         reencoded = decode_with_pil(stored[name])

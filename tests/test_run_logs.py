@@ -24,3 +24,19 @@ def test_last_epoch_record_skips_cut_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "lo')
 
     assert run_log.last_epoch_record() == {"epoch": 1, "loss": 2.0}
+
+
+def test_forget_from_drops_rewritten_records(tmp_path):
+    run_log = RunLog(str(tmp_path), is_chief=True, steps_per_epoch=4, total_steps=12)
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"epoch": 1, "step": 4}\n{"epoch": 2, "step": 8}\n{"epoch": 3, "st'
+    )
+    (tmp_path / "diagnostics.jsonl").write_text(
+        '{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8}\n'
+    )
+
+    run_log.forget_from(6)  # Resumed inside epoch 2.
+
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "step": 4}\n'
+    assert (tmp_path / "diagnostics.jsonl").read_text() == '{"step": 2}\n{"step": 4}\n{"step": 6}\n'
+

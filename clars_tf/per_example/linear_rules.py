@@ -190,6 +190,20 @@ class _Conv2DBaseRule(_LinearRule):
                 return "its input or output height and width are not static"
         return None
 
+    def fast_terms(self, call, output_grad, regularizer_grads):
+        layer = call.layer
+        terms = {}
+        for name, variable in variables_of(layer, "kernel", "bias"):
+            if name == "kernel":
+                terms[id(variable)] = self._kernel_terms(
+                    call, output_grad, variable, regularizer_grads
+                )
+            else:
+                spatial = [2, 3] if layer.data_format == "channels_first" else [1, 2]
+                position_sums = tf.reduce_sum(as_float32(output_grad), axis=spatial)
+                terms[id(variable)] = _bias_terms(position_sums, variable, regularizer_grads)
+        return terms
+
     def _offsets_and_grad(self, call, output_grad):
         layer = call.layer
         inputs = _to_channels_last(as_float32(call.inputs), layer.data_format)
@@ -231,20 +245,6 @@ class Conv2DRule(_Conv2DBaseRule):
 
     def matches(self, layer):
         return super().matches(layer) and layer.groups == 1
-
-    def fast_terms(self, call, output_grad, regularizer_grads):
-        layer = call.layer
-        terms = {}
-        for name, variable in variables_of(layer, "kernel", "bias"):
-            if name == "kernel":
-                terms[id(variable)] = self._kernel_terms(
-                    call, output_grad, variable, regularizer_grads
-                )
-            else:
-                spatial = [2, 3] if layer.data_format == "channels_first" else [1, 2]
-                position_sums = tf.reduce_sum(as_float32(output_grad), axis=spatial)
-                terms[id(variable)] = _bias_terms(position_sums, variable, regularizer_grads)
-        return terms
 
     def _kernel_terms(self, call, output_grad, kernel, regularizer_grads):
         offsets, grad = self._offsets_and_grad(call, output_grad)
@@ -293,20 +293,6 @@ class DepthwiseConv2DRule(_Conv2DBaseRule):
     """
 
     keras_class = keras.layers.DepthwiseConv2D
-
-    def fast_terms(self, call, output_grad, regularizer_grads):
-        layer = call.layer
-        terms = {}
-        for name, variable in variables_of(layer, "kernel", "bias"):
-            if name == "kernel":
-                terms[id(variable)] = self._kernel_terms(
-                    call, output_grad, variable, regularizer_grads
-                )
-            else:
-                spatial = [2, 3] if layer.data_format == "channels_first" else [1, 2]
-                position_sums = tf.reduce_sum(as_float32(output_grad), axis=spatial)
-                terms[id(variable)] = _bias_terms(position_sums, variable, regularizer_grads)
-        return terms
 
     def _kernel_terms(self, call, output_grad, kernel, regularizer_grads):
         layer = call.layer

@@ -31,22 +31,28 @@ def _append_json_line(path: str, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
+def _read_json_lines(path: str) -> list[dict]:
+    """Return the records of a JSON-lines file, or [] if it does not exist."""
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as file:
+        lines = file.read().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # A line cut short by an interrupted run.
+    return records
+
+
 def _drop_records(path: str, key: str, first_dropped: float) -> None:
     """Remove the records whose `key` is at least `first_dropped`."""
     if not tf.io.gfile.exists(path):
         return
-    with tf.io.gfile.GFile(path) as file:
-        lines = file.read().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # A line cut short by the interrupted run.
-        if record.get(key, -1) < first_dropped:
-            kept.append(line)
+    kept = [r for r in _read_json_lines(path) if r.get(key, -1) < first_dropped]
     with tf.io.gfile.GFile(path, "w") as file:
-        file.write("".join(line + "\n" for line in kept))
+        file.write("".join(json.dumps(record) + "\n" for record in kept))
 
 
 class RunLog:
@@ -87,17 +93,8 @@ class RunLog:
 
     def last_epoch_record(self) -> dict:
         """Return the last complete record of metrics.jsonl, or {} if there is none."""
-        path = self.path(METRICS_FILE)
-        if not tf.io.gfile.exists(path):
-            return {}
-        with tf.io.gfile.GFile(path) as file:
-            lines = file.read().splitlines()
-        for line in reversed(lines):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue  # A line cut short by an interrupted run.
-        return {}
+        records = _read_json_lines(self.path(METRICS_FILE))
+        return records[-1] if records else {}
 
     def start_epoch(self, epoch: int, epochs: int, first_step: int) -> None:
         logger.info("Epoch %d/%d starts at step %d.", epoch, epochs, first_step)
