@@ -40,3 +40,18 @@ def test_forget_from_drops_rewritten_records(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "step": 4}\n'
     assert (tmp_path / "diagnostics.jsonl").read_text() == '{"step": 2}\n{"step": 4}\n{"step": 6}\n'
 
+
+def test_progress_bar_on_resumed_epoch(tmp_path):
+    run_log = RunLog(str(tmp_path), is_chief=True, steps_per_epoch=4, total_steps=12)
+    run_log._interactive = True  # As on a terminal.
+    run_log.start_epoch(2, 3, 5)  # Resumed one step into epoch 2, 3 steps to go.
+
+    run_log.progress(1, 6, {"loss": 3.0, "lr": 0.1}, log_line=False)
+    run_log.progress(2, 7, {"loss": 1.0, "lr": 0.1}, log_line=False)
+
+    bar = run_log._progress
+    assert bar.target == 3
+    # The loop hands in running means, which the bar must show unchanged. Before
+    # the last step, Progbar displays the weighted total divided by the weight.
+    total, weight = bar._values["loss"]
+    assert total / weight == 1.0

@@ -98,7 +98,9 @@ class RunLog:
 
     def start_epoch(self, epoch: int, epochs: int, first_step: int) -> None:
         logger.info("Epoch %d/%d starts at step %d.", epoch, epochs, first_step)
-        self._epoch_steps = min(self.steps_per_epoch, self.total_steps - first_step)
+        # A run resumed inside an epoch starts at `first_step`, not at the epoch's start.
+        epoch_end = (first_step // self.steps_per_epoch + 1) * self.steps_per_epoch
+        self._epoch_steps = min(epoch_end, self.total_steps) - first_step
         self._progress = None
 
     def progress(self, steps_in_epoch: int, step: int, values: dict, *, log_line: bool) -> None:
