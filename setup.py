@@ -27,7 +27,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # scikit-learn ships the digits images of the quick start; the
+        # scikit-learn ships the digits images of the quick start, and the
         # plotting tests draw with matplotlib.
         "test": ["pytest", "pillow", "scikit-learn", "matplotlib"],
         "plot": ["matplotlib"],

@@ -1,4 +1,4 @@
-"""RunLog output without a terminal: which progress calls log a line."""
+"""RunLog: progress output, metrics records and what a resumed run rewrites."""
 
 import logging
 
@@ -51,7 +51,7 @@ def test_progress_bar_on_resumed_epoch(tmp_path):
 
     bar = run_log._progress
     assert bar.target == 3
-    # The loop hands in running means, which the bar must show unchanged. Before
+    # The loop passes running means, which the bar must show unchanged. Before
     # the last step, Progbar displays the weighted total divided by the weight.
     total, weight = bar._values["loss"]
     assert total / weight == 1.0

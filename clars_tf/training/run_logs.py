@@ -50,9 +50,9 @@ def _drop_records(path: str, key: str, first_dropped: float) -> None:
     """Remove the records whose `key` is at least `first_dropped`."""
     if not tf.io.gfile.exists(path):
         return
-    kept = [r for r in _read_json_lines(path) if r.get(key, -1) < first_dropped]
+    earlier_records = [r for r in _read_json_lines(path) if r.get(key, -1) < first_dropped]
     with tf.io.gfile.GFile(path, "w") as file:
-        file.write("".join(json.dumps(record) + "\n" for record in kept))
+        file.write("".join(json.dumps(record) + "\n" for record in earlier_records))
 
 
 class RunLog:

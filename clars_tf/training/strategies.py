@@ -57,7 +57,10 @@ def create_strategy(config: TrainConfig) -> tf.distribute.Strategy:
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
         except ValueError as error:
-            raise ConfigError(f"--tpu={config.tpu!r} does not name a reachable TPU: {error}") from None
+            raise ConfigError(
+                f"--tpu={config.tpu!r} failed to resolve to a TPU ({error}). Pass the TPU "
+                "name, its grpc:// address, or 'local' on a TPU VM."
+            ) from None
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
